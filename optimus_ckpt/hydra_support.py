@@ -6,6 +6,7 @@ this module, at the start of every app in the environment.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -27,7 +28,7 @@ def conf_search_path() -> str:
 def _in_store(group: str, name: str) -> bool:
     from hydra.core.config_store import ConfigStore
 
-    node = ConfigStore.instance().repo
+    node: Any = ConfigStore.instance().repo
     for part in group.split("/"):
         node = node.get(part)
         if not isinstance(node, dict):

@@ -68,7 +68,9 @@ class LoadStrategy:
     optimus_ckpt.errors.StrategyError: load_optimizer=True needs load_model=True: optimizer state is keyed to the model's parameters. Fix: set load_strategy.load_optimizer=false, or load_strategy.load_model=true.
     """
 
-    load_model: bool = field(default=True, metadata={"description": "Whether to load model weights."})
+    load_model: bool = field(
+        default=True, metadata={"description": "Whether to load model weights."}
+    )
     load_optimizer: bool = field(
         default=True, metadata={"description": "Whether to load optimizer state."}
     )
@@ -100,6 +102,26 @@ class LoadStrategy:
             "unexpected and shape-mismatched model keys are skipped and reported instead of raising."
         },
     )
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> LoadStrategy:
+        # Unknown keyword arguments (``LoadStrategy(load_modle=False)``, or a key added with
+        # ``+load_strategy.load_modle=false`` reaching ``hydra.utils.instantiate``) get the same
+        # message as resolve_strategy gives, with a suggestion, instead of a bare TypeError.
+        allowed = _field_names(cls)
+        for key in kwargs:
+            if key not in allowed:
+                raise _unknown_key(key, allowed)
+        return super().__new__(cls)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``OmegaConf.to_object`` builds the object from the schema's fields, then *sets* any
+        # other key of the node as an attribute; refusing unknown names here is what rejects a
+        # key added with ``+load_strategy.load_modle=false`` on that path. It also catches
+        # ``strategy.load_modle = False`` in Python.
+        allowed = _field_names(type(self))
+        if name not in allowed:
+            raise _unknown_key(name, allowed)
+        super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
         validate_strategy(self)
@@ -137,9 +159,8 @@ class LoadStrategyConfig(LoadStrategy):
     _target_: str = "optimus_ckpt.LoadStrategy"
 
 
-# Which field governs each component root. Components not listed here (``extra``, ``rng``)
-# follow the rules in the checkpointer (``extra`` always loads unless ignored; ``rng`` follows
-# ``load_iteration``).
+# Which field governs each component root. ``rng`` and ``extra`` (EMA weights, grad scalers,
+# early-stopping state: state that continues a run) follow ``load_iteration``.
 _COMPONENT_FLAGS = {
     "model": "load_model",
     "optimizer": "load_optimizer",
@@ -148,9 +169,34 @@ _COMPONENT_FLAGS = {
     "dataloaders": "load_dataloaders",
     "metrics": "load_metrics",
     "rng": "load_iteration",
+    "extra": "load_iteration",
 }
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LoadStrategy))
+_FIELD_NAMES_BY_CLASS: dict[type, tuple[str, ...]] = {}
+# The ``_target_`` values a config node may carry (``LoadStrategyConfig`` writes the first).
+_TARGETS = frozenset(
+    f"optimus_ckpt.{mod}{cls}"
+    for mod in ("", "strategy.")
+    for cls in ("LoadStrategy", "LoadStrategyConfig")
+)
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES_BY_CLASS.get(cls)
+    if names is None:
+        names = _FIELD_NAMES_BY_CLASS[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
+def _unknown_key(key: str, allowed: tuple[str, ...] | None = None) -> StrategyError:
+    valid = [n for n in (allowed or FIELD_NAMES) if n != "_target_"]
+    return StrategyError(
+        f"Unknown key '{key}' in load_strategy.{_suggest(key, valid)} "
+        f"Valid keys: {', '.join(valid)}."
+    )
+
+
 _BOOL_FIELDS = tuple(n for n in FIELD_NAMES if n != "extra_ignore_keys")
 
 
@@ -168,7 +214,7 @@ def validate_strategy(s: LoadStrategy) -> None:
             )
     keys = s.extra_ignore_keys
     if keys is not None:
-        if isinstance(keys, str) or not hasattr(keys, "__iter__"):
+        if isinstance(keys, (str, bytes, Mapping)) or not hasattr(keys, "__iter__"):
             raise StrategyError(
                 f"LoadStrategy.extra_ignore_keys must be a list of glob patterns or null, got "
                 f"{keys!r}. Fix: load_strategy.extra_ignore_keys='[model.head.*]'."
@@ -198,7 +244,7 @@ def validate_strategy(s: LoadStrategy) -> None:
         warnings.warn(
             "LoadStrategy loads nothing, so extra_ignore_keys has no effect.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # validate_strategy <- __post_init__ <- __init__ <- the caller
         )
 
 
@@ -233,27 +279,21 @@ def resolve_strategy(strategy: Any) -> LoadStrategy:
                 f"Available presets: {', '.join(sorted(presets))}."
             )
         return LoadStrategy(**presets[strategy].to_dict())
-    if not isinstance(strategy, Mapping):
-        try:
-            from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-            if isinstance(strategy, DictConfig):
-                strategy = OmegaConf.to_container(strategy, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf is a dependency
-            pass
+    if isinstance(strategy, DictConfig):
+        # A composed node (never ran __post_init__): to plain data, interpolations resolved.
+        strategy = OmegaConf.to_container(strategy, resolve=True)
     if isinstance(strategy, Mapping):
         data = {str(k): v for k, v in strategy.items()}
         target = data.pop("_target_", None)
-        if target is not None and not str(target).endswith("LoadStrategy"):
+        if target is not None and target not in _TARGETS:
             raise StrategyError(
                 f"load_strategy._target_ is {target!r}; expected optimus_ckpt.LoadStrategy."
             )
         for key in data:
             if key not in FIELD_NAMES:
-                raise StrategyError(
-                    f"Unknown key '{key}' in load_strategy.{_suggest(key, list(FIELD_NAMES))} "
-                    f"Valid keys: {', '.join(FIELD_NAMES)}."
-                )
+                raise _unknown_key(key)
         return LoadStrategy(**data)
     raise StrategyError(
         f"Cannot use {type(strategy).__name__} as a load strategy: pass a LoadStrategy, a preset "
@@ -277,6 +317,9 @@ def conf_dir() -> str:
     )
 
 
+_PRESET_DEFAULTS = ["/optimus_ckpt/schema/load_strategy@_here_", "_self_"]
+
+
 def _load_presets() -> dict[str, LoadStrategy]:
     from omegaconf import OmegaConf
 
@@ -287,7 +330,14 @@ def _load_presets() -> dict[str, LoadStrategy]:
             continue
         raw = OmegaConf.to_container(OmegaConf.load(os.path.join(folder, name)), resolve=True)
         assert isinstance(raw, dict)
-        raw.pop("defaults", None)
+        # Each shipped preset is the schema plus its own values. Reading it without Hydra is only
+        # right while that holds, so refuse anything else rather than silently disagree with the
+        # config Hydra composes (a test compares the two for every preset).
+        if raw.pop("defaults", None) != _PRESET_DEFAULTS:
+            raise ValueError(
+                f"{folder}/{name}: a shipped preset's defaults list must be exactly "
+                f"{_PRESET_DEFAULTS}, so that PRESETS and Hydra agree."
+            )
         presets[name[: -len(".yaml")]] = resolve_strategy(raw)
     return presets
 
