@@ -440,6 +440,7 @@ def main(cfg: DictConfig) -> None:
         nonlocal last_saved
         if step == last_saved:
             return
+        csv_file.flush()  # the curve up to a checkpoint must survive a kill that follows it
         path = ckpt.save(step, config=cfg, **components)
         last_saved = step
         log.info("saved checkpoint (%s): %s", why, path)
@@ -483,12 +484,10 @@ def main(cfg: DictConfig) -> None:
                     step, f"every {cfg.checkpoint.save_every} steps" if step < max_steps else "end"
                 )
             if stop.signum is not None:
-                csv_file.flush()
                 save(step, stop.name)
                 log.info("stopped by %s at step %d; rerun to resume", stop.name, step)
                 sys.exit(128 + stop.signum)
             if stop_at is not None and step >= stop_at and step < max_steps:
-                csv_file.flush()
                 save(step, "trainer.stop_at")
                 log.info("stopped at step %d (trainer.stop_at); rerun to resume", step)
                 return
