@@ -75,19 +75,16 @@ class IgnoreRules:
         self.used: set[str] = set()
 
     def match(self, name: str) -> str | None:
-        for p in self.patterns:
-            if fnmatch.fnmatchcase(name, p):
-                self.used.add(p)
-                return p
-        return None
+        # Every pattern that matches counts as used (not only the first), so an overlapping
+        # pattern is never reported as having matched nothing.
+        hits = [p for p in self.patterns if fnmatch.fnmatchcase(name, p)]
+        self.used.update(hits)
+        return hits[0] if hits else None
 
     def component(self, name: str) -> str | None:
         parts = name.split(".")
-        for i in range(len(parts), 0, -1):
-            hit = self.match(".".join(parts[:i]))
-            if hit:
-                return hit
-        return None
+        hits = [self.match(".".join(parts[:i])) for i in range(len(parts), 0, -1)]
+        return next((h for h in hits if h), None)
 
     def unmatched(self) -> list[str]:
         return [p for p in self.patterns if p not in self.used]
@@ -553,17 +550,23 @@ class Checkpointer:
                 if name == "rng":
                     continue
                 obj = parts[name]
-                snapshot = copy.deepcopy(obj.state_dict())
+                # Registered before the call, so an object whose own load_state_dict changes
+                # part of it and then raises is restored too.
+                done.append((obj, copy.deepcopy(obj.state_dict())))
                 obj.load_state_dict(state)
-                done.append((obj, snapshot))
             if optimizer_sd is not None:
                 opt = parts["optimizer"]
-                snapshot = opt.state_dict()
+                done.append((opt, opt.state_dict()))
                 opt.load_state_dict(optimizer_sd)
-                done.append((opt, snapshot))
         except BaseException:
             for obj, snapshot in reversed(done):
-                obj.load_state_dict(snapshot)
+                try:  # restore every object even if one refuses its own old state
+                    obj.load_state_dict(snapshot)
+                except Exception as e:
+                    log.error(
+                        "optimus_ckpt: could not restore %s after a failed load: %s",
+                        type(obj).__name__, e,
+                    )  # fmt: skip
             raise
         if "model" in plan.load:
             start = view.bytes_read

@@ -39,6 +39,11 @@ def _is_numpy(obj: Any) -> bool:
     return type(obj).__module__ == "numpy"
 
 
+def _is_torch_size(obj: Any) -> bool:
+    # torch.Size is a tuple: without this it would come back as a plain tuple.
+    return type(obj).__module__ == "torch" and type(obj).__name__ == "Size"
+
+
 def encode(obj: Any, path: str = "", tensor_sink: TensorSink | None = None) -> Any:
     """Encode ``obj`` as JSON-ready data. ``path`` names where ``obj`` lives, for errors."""
     if obj is None or isinstance(obj, bool | int | str):
@@ -47,7 +52,7 @@ def encode(obj: Any, path: str = "", tensor_sink: TensorSink | None = None) -> A
         return obj  # json writes nan/inf as NaN/Infinity and reads them back
     if isinstance(obj, list):
         return [encode(v, f"{path}.{i}", tensor_sink) for i, v in enumerate(obj)]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields") and not _is_torch_size(obj):
         return {
             _TAG: "tuple",
             "v": [encode(v, f"{path}.{i}", tensor_sink) for i, v in enumerate(obj)],
@@ -69,7 +74,8 @@ def encode(obj: Any, path: str = "", tensor_sink: TensorSink | None = None) -> A
         if tensor_sink is not None:
             return {_TAG: "ref", "v": tensor_sink(path.lstrip("."), obj)}
         t = obj.detach().cpu().contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        # reshape(-1): a 0-dim tensor cannot be viewed as bytes directly
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return {
             _TAG: "tensor",
             "dtype": dtype_name(t.dtype),
@@ -90,7 +96,7 @@ def encode(obj: Any, path: str = "", tensor_sink: TensorSink | None = None) -> A
             return {
                 _TAG: "ndarray",
                 "dtype": arr.dtype.str,
-                "shape": list(arr.shape),
+                "shape": list(obj.shape),  # not arr's: ascontiguousarray makes 0-d arrays 1-d
                 "v": base64.b64encode(arr.tobytes()).decode("ascii"),
             }
         if isinstance(obj, np.generic):

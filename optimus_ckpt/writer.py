@@ -88,7 +88,8 @@ def build_payload(parts: dict[str, Any], *, with_rng: bool = True) -> SavePayloa
 
     def sink_for(component: str) -> Any:
         def sink(path: str, tensor: Any) -> str:
-            key = f"{component}.{path}"
+            # Paths name the component (for errors): ``extra.ema.shadow.w`` is stored as it is.
+            key = path if path.startswith(component + ".") else f"{component}.{path}"
             while key in pay.tensors:
                 key += "_"
             pay.tensors[key] = _compact(tensor)
@@ -114,7 +115,9 @@ def build_payload(parts: dict[str, Any], *, with_rng: bool = True) -> SavePayloa
             state = {}
             for idx, st in sd["state"].items():
                 fqn = names[idx]
-                state[fqn] = {k: encode(v, f"{fqn}.{k}", sink) for k, v in st.items()}
+                state[fqn] = {
+                    k: encode(v, f"optimizer.state.{fqn}.{k}", sink) for k, v in st.items()
+                }
             groups = []
             for g in sd["param_groups"]:
                 hyper = {
@@ -126,7 +129,7 @@ def build_payload(parts: dict[str, Any], *, with_rng: bool = True) -> SavePayloa
                 groups.append(hyper)
             pay.global_state["optimizer"] = {"param_groups": groups, "state": state}
         elif root == "extra":
-            pay.global_state[name] = encode(obj.state_dict(), "", sink_for(name))
+            pay.global_state[name] = encode(obj.state_dict(), name, sink_for(name))
         elif root in PER_RANK_ROOTS:
             pay.rank_state[name] = encode(obj.state_dict(), name)
         else:  # scheduler
