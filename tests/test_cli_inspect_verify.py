@@ -246,5 +246,3 @@ def test_plan_falls_back_past_broken_checkpoints_as_load_does(zoo: dict[str, Any
     for key in ("source", "components", "bytes_read", "warnings", "skipped_checkpoints"):
         assert plan[key] == load[key], key
     assert plan["source"] == str(zoo["paths"][30])  # the newest that passes the load's checks
-    skipped = {os.path.basename(p) for p in plan["skipped_checkpoints"]}
-    assert {"step_0000000060", "step_0000000040"} <= skipped
