@@ -40,6 +40,34 @@ EXPECTED_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The messages a user sees for each mistake (README.md quotes each one; a test checks it).
+ERRORS = {
+    "misspelled_preset": "Could not find 'load_strategy/finetun'",
+    "preset_options": "Available options in 'load_strategy':",
+    "wrong_type": "Value 'maybe' is not a valid bool (type str)",
+    "wrong_type_key": "full_key: load_strategy.load_model",
+    "misspelled_field": "Key 'load_modle' not in 'LoadStrategyConfig'",
+    "unknown_key": "Unknown key 'load_modle' in load_strategy. Did you mean 'load_model'?",
+    "optimizer_without_model": (
+        "load_optimizer=True needs load_model=True: optimizer state is keyed to the model's "
+        "parameters. Fix: set load_strategy.load_optimizer=false, or load_strategy.load_model=true."
+    ),
+    "dataloaders_without_sources": (
+        "load_dataloaders=True needs load_data_sources=True: a dataloader's state contains its "
+        "data source's. Fix: set load_strategy.load_dataloaders=false, or "
+        "load_strategy.load_data_sources=true."
+    ),
+    "no_defaults_entry": "Could not override 'load_strategy'. No match in the defaults list.",
+    "python_preset": (
+        "Unknown load strategy preset 'finetun'. Did you mean 'finetune'? "
+        "Available presets: eval, finetune, reset_optimizer, resume, scratch."
+    ),
+    "python_type": (
+        "LoadStrategy.strict must be true or false, got 'yes' (str). "
+        "Fix: load_strategy.strict=true or =false."
+    ),
+}
+
 # --- a small Hydra app, run in a subprocess ---------------------------------------------------
 
 APP_PY = '''\

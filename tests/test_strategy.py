@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 from omegaconf import OmegaConf
-from plugin_support import EXPECTED_PRESETS
+from plugin_support import ERRORS, EXPECTED_PRESETS
 
 import optimus_ckpt
 from optimus_ckpt import PRESETS, LoadStrategy, LoadStrategyConfig, StrategyError, resolve_strategy
@@ -143,22 +143,13 @@ def test_public_names() -> None:
 def test_optimizer_without_model_names_both_fields_and_the_fix() -> None:
     with pytest.raises(StrategyError) as info:
         LoadStrategy(load_model=False)
-    msg = str(info.value)
-    assert "load_optimizer=True needs load_model=True" in msg
-    assert "keyed to the model's parameters" in msg
-    assert "Fix: set load_strategy.load_optimizer=false, or load_strategy.load_model=true." in msg
+    assert str(info.value) == ERRORS["optimizer_without_model"]
 
 
 def test_dataloaders_without_data_sources_names_both_fields_and_the_fix() -> None:
     with pytest.raises(StrategyError) as info:
         LoadStrategy(load_data_sources=False)
-    msg = str(info.value)
-    assert "load_dataloaders=True needs load_data_sources=True" in msg
-    assert "a dataloader's state contains its data source's" in msg
-    assert (
-        "Fix: set load_strategy.load_dataloaders=false, or load_strategy.load_data_sources=true."
-        in msg
-    )
+    assert str(info.value) == ERRORS["dataloaders_without_sources"]
 
 
 def test_strategy_error_is_a_value_error() -> None:
@@ -191,6 +182,12 @@ def test_a_flag_must_be_a_bool(value: object) -> None:
     msg = str(info.value)
     assert f"LoadStrategy.strict must be true or false, got {value!r}" in msg
     assert "Fix: load_strategy.strict=true or =false." in msg
+
+
+def test_wrong_type_message() -> None:
+    with pytest.raises(StrategyError) as info:
+        LoadStrategy(strict="yes")  # type: ignore[arg-type]
+    assert str(info.value) == ERRORS["python_type"]
 
 
 @pytest.mark.parametrize("value", ["model.head.*", b"x", 3, {"model": 1}])
@@ -298,10 +295,7 @@ def test_resolve_strategy_none_means_resume() -> None:
 def test_resolve_strategy_misspelled_preset_lists_the_options() -> None:
     with pytest.raises(StrategyError) as info:
         resolve_strategy("finetun")
-    assert str(info.value) == (
-        "Unknown load strategy preset 'finetun'. Did you mean 'finetune'? "
-        "Available presets: eval, finetune, reset_optimizer, resume, scratch."
-    )
+    assert str(info.value) == ERRORS["python_preset"]
 
 
 def test_resolve_strategy_from_a_dict_and_a_dictconfig() -> None:
