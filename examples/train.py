@@ -123,6 +123,13 @@ class TeacherDataset(torch.utils.data.Dataset):
                 "load_strategy=finetune."
             )
 
+    def reshard_state_dict(
+        self, states: list[dict[str, Any]], *, rank: int, world_size: int
+    ) -> dict[str, Any]:
+        """optimus_ckpt's hook for a resume with another number of processes: every rank saved
+        the same identity, so every new rank takes it (load_state_dict then checks it)."""
+        return dict(states[0])
+
 
 def forever(loader: StatefulDataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches across epochs. The loader's state (epoch position, shuffle generator) is what a
@@ -298,6 +305,8 @@ def loss_log(path: str, start_step: int) -> tuple[Any, Any, int]:
 
 
 def write_json(path: str, data: Any) -> None:
+    if RANK != 0:  # under torchrun, rank 0 writes the run's files
+        return
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
@@ -316,6 +325,34 @@ def resolve_mode(cfg: DictConfig) -> str:
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be train, eval or auto, got {mode!r}")
     return mode
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun: `torchrun --nproc_per_node=2 examples/train.py hydra.run.dir=runs/ddp` trains with
+# DDP over gloo (CPU). Pass hydra.run.dir: every rank must use the same output dir. Each rank
+# shuffles the data with its own seed; every rank saves (optimus_ckpt writes the replicated
+# weights once and each rank's data position); rank 0 writes loss.csv and the JSON files (the
+# other ranks write loss.rank<r>.csv). Resuming needs the same number of processes, unless the
+# per-rank state is skipped: load_strategy.load_dataloaders=false load_strategy.load_metrics=false.
+# Nothing here changes a single-process run.
+# --------------------------------------------------------------------------------------------
+
+RANK = int(os.environ.get("RANK", "0"))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed() -> None:
+    if WORLD_SIZE > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+
+
+def agreed_stop(signum: int | None) -> int | None:
+    """A stop signal seen by any rank stops every rank at the same step (they save together)."""
+    if WORLD_SIZE == 1:
+        return signum
+    flag = torch.tensor([signum or 0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,6 +391,7 @@ def main(cfg: DictConfig) -> None:
         out_dir,
     )
     seed_everything(cfg.seed, cfg.threads)
+    init_distributed()
 
     def dataset(split: str, size: int) -> TeacherDataset:
         return TeacherDataset(
@@ -395,7 +433,9 @@ def main(cfg: DictConfig) -> None:
     loader = StatefulDataLoader(
         train_data,
         batch_size=cfg.data.batch_size,
-        sampler=RandomSampler(train_data, generator=torch.Generator().manual_seed(cfg.seed + 1)),
+        sampler=RandomSampler(
+            train_data, generator=torch.Generator().manual_seed(cfg.seed + 1 + 1000 * RANK)
+        ),
         drop_last=True,
         num_workers=0,
         generator=torch.Generator().manual_seed(cfg.seed + 2),
@@ -433,7 +473,8 @@ def main(cfg: DictConfig) -> None:
 
     stop = StopFlag()
     stop.install()
-    csv_file, writer, attempt = loss_log(os.path.join(out_dir, LOSS_CSV), start)
+    loss_csv = LOSS_CSV if RANK == 0 else f"loss.rank{RANK}.csv"
+    csv_file, writer, attempt = loss_log(os.path.join(out_dir, loss_csv), start)
     last_saved = own[-1] if own else -1
 
     def save(step: int, why: str) -> None:
@@ -452,11 +493,12 @@ def main(cfg: DictConfig) -> None:
     if start > 0:
         log.info("resuming at step %d (attempt %d)", start, attempt)
     model.train()
+    net = nn.parallel.DistributedDataParallel(model) if WORLD_SIZE > 1 else model
     try:
         while step < max_steps:
             x, y = next(batches)
             lr = scheduler.get_last_lr()[0]
-            logits = model(x)
+            logits = net(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -483,6 +525,7 @@ def main(cfg: DictConfig) -> None:
                 save(
                     step, f"every {cfg.checkpoint.save_every} steps" if step < max_steps else "end"
                 )
+            stop.signum = agreed_stop(stop.signum)
             if stop.signum is not None:
                 save(step, stop.name)
                 log.info("stopped by %s at step %d; rerun to resume", stop.name, step)
