@@ -6,6 +6,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "LoadMismatchError",
     "OptimusCkptError",
     "StrategyError",
@@ -27,6 +28,11 @@ class CheckpointNotFoundError(OptimusCkptError, FileNotFoundError):
 
 class CheckpointExistsError(OptimusCkptError, FileExistsError):
     """A save would replace a committed checkpoint."""
+
+
+class CheckpointWriteError(OptimusCkptError, OSError):
+    """A save failed (disk full, I/O error): says what failed; nothing was committed, the staging
+    directory was removed and every earlier checkpoint is intact. ``errno`` is the cause's."""
 
 
 class CheckpointCorruptError(OptimusCkptError):

@@ -60,7 +60,7 @@ def is_complete(path: str | os.PathLike[str]) -> bool:
     try:
         with open(os.path.join(path, MANIFEST_NAME), encoding="utf-8") as f:
             head = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a deeply nested JSON bomb
         return False
     return isinstance(head, dict) and head.get("format") == FORMAT_NAME
 

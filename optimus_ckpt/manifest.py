@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,8 @@ class Manifest:
     torch_version: str = ""
     created_unix: float = 0.0
     format_version: int = FORMAT_VERSION
+    # Whether the manifest's own CRC-32 matched when it was parsed (None: it carries none).
+    checksum_ok: bool | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> str:
         data = {
@@ -103,11 +106,35 @@ class Manifest:
             "state": self.state,
             "config_yaml": self.config_yaml,
         }
-        return json.dumps(data, indent=1, allow_nan=True)
+        return add_checksum(json.dumps(data, indent=1, allow_nan=True))
 
     def component_tensors(self, component: str) -> list[str]:
         prefix = component + "."
         return [k for k in self.tensors if k.startswith(prefix)]
+
+
+# The manifest's own CRC-32 is its last key, over the text without it, so that a flipped byte in
+# the manifest (a digit of an offset, a learning rate) is caught even where JSON still parses.
+_CRC_KEY = "manifest_crc32"
+_CRC_TAIL = re.compile(rb',\n "manifest_crc32": (\d+)\n\}\s*\Z')
+
+
+def add_checksum(text: str) -> str:
+    """Append the ``manifest_crc32`` key to the JSON object ``text`` (written by ``to_json``)."""
+    body = text.rstrip()
+    if not body.endswith("\n}"):
+        raise ValueError("add_checksum expects json.dumps(..., indent=1) output")
+    crc = zlib.crc32(body.encode("utf-8"))
+    return f'{body[:-2]},\n "{_CRC_KEY}": {crc}\n}}'
+
+
+def _checksum_ok(raw: bytes, data: dict[str, Any]) -> bool | None:
+    if _CRC_KEY not in data:
+        return None  # hand-written or foreign: nothing to check (structure checks still run)
+    m = _CRC_TAIL.search(raw)
+    if m is None or int(m.group(1)) != data[_CRC_KEY]:
+        return False
+    return zlib.crc32(raw[: m.start()] + b"\n}") == data[_CRC_KEY]
 
 
 def _int(value: Any, what: str, where: str, lo: int = 0, hi: int = MAX_BYTES) -> int:
@@ -132,7 +159,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     """Parse and check a manifest. ``where`` (the manifest's path) goes into every error."""
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointCorruptError(
             f"{where}: manifest check failed: not valid JSON (truncated or garbage): {e}"
         ) from None
@@ -147,11 +174,18 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
             f"version {FORMAT_VERSION}. Fix: upgrade optimus_ckpt to read newer checkpoints."
         )
     try:
-        return _parse_body(data, where)
-    except (KeyError, TypeError, AttributeError) as e:
+        manifest = _parse_body(data, where)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointCorruptError(
             f"{where}: manifest check failed: malformed field ({type(e).__name__}: {e})"
         ) from None
+    manifest.checksum_ok = _checksum_ok(raw, data)
+    if manifest.checksum_ok is False:
+        raise CheckpointCorruptError(
+            f"{where}: checksum check failed: the manifest's own crc32 does not match its "
+            "content (flipped or overwritten bytes)"
+        )
+    return manifest
 
 
 def _parse_body(data: dict[str, Any], where: str) -> Manifest:

@@ -14,12 +14,13 @@ import json
 import math
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .distributed import copy_into_dtensor, is_dtensor, read_dtensor_into
 from .dtypes import dtype_from_name
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
 from .layout import MANIFEST_NAME, STAGING_INFIX, list_checkpoints, parse_step
@@ -34,6 +35,10 @@ __all__ = [
     "open_checkpoint",
     "tensor_buffer",
 ]
+
+
+_VERIFY_THREADS = min(4, os.cpu_count() or 1)
+_VERIFY_BUFFER = 4 << 20  # per verifying thread
 
 
 def tensor_buffer(t: Any) -> memoryview:
@@ -121,6 +126,12 @@ class FileView(CheckpointView):
     def rank_state(self, rank: int) -> dict[str, Any]:
         if rank >= len(self.manifest.rank_files):
             return {}
+        cache = self.__dict__.setdefault("_rank_cache", {})
+        if rank not in cache:
+            cache[rank] = self._read_rank_state(rank)
+        return dict(cache[rank])
+
+    def _read_rank_state(self, rank: int) -> dict[str, Any]:
         name = self.manifest.rank_files[rank]
         raw = self.storage.read_bytes(self._file(name))
         expected = self.manifest.files[name].get("crc32")
@@ -139,9 +150,6 @@ class FileView(CheckpointView):
     def read_into(self, key: str, dest: Any) -> None:
         import torch
 
-        if is_dtensor(dest):  # a sharded destination (FSDP2): read only this rank's box
-            read_dtensor_into(self, key, dest)
-            return
         entry = self.manifest.tensors[key]
         dtype = dtype_from_name(entry.dtype)
         if tuple(dest.shape) != entry.shape:
@@ -171,25 +179,45 @@ class FileView(CheckpointView):
             region.copy_(tmp)
 
     def verify(self, keys: Iterable[str]) -> None:
-        """Read the chunks of ``keys`` and compare their CRC-32 with the manifest's."""
-        buf = bytearray(16 << 20)
-        view = memoryview(buf)
-        for key in keys:
-            for chunk in self.manifest.tensors[key].chunks:
-                if chunk.crc32 is None:
-                    continue
-                crc, done = 0, 0
-                while done < chunk.nbytes:
-                    n = min(len(buf), chunk.nbytes - done)
-                    self.storage.read_into(self._file(chunk.file), chunk.offset + done, view[:n])
-                    crc = zlib.crc32(view[:n], crc)
-                    done += n
-                if crc != chunk.crc32:
-                    raise CheckpointCorruptError(
-                        f"{self.storage.local_path(self._file(chunk.file))}: checksum check failed "
-                        f"for tensor '{key}' (bytes {chunk.offset}-{chunk.offset + chunk.nbytes}): "
-                        f"crc32 {crc:08x}, the manifest says {chunk.crc32:08x}"
-                    )
+        """Read the chunks of ``keys`` and compare their CRC-32 with the manifest's.
+
+        Chunks are checked by a few threads at once (``preadv`` and ``zlib.crc32`` release the
+        GIL), each through its own small buffer; the first bad chunk in manifest order is named.
+        """
+        jobs = [
+            (key, chunk)
+            for key in keys
+            for chunk in self.manifest.tensors[key].chunks
+            if chunk.crc32 is not None and chunk.nbytes
+        ]
+        local = threading.local()
+
+        def crc_of(job: tuple[str, Chunk]) -> int:
+            chunk = job[1]
+            view = getattr(local, "view", None)
+            if view is None:
+                view = local.view = memoryview(bytearray(_VERIFY_BUFFER))
+            crc, done = 0, 0
+            while done < chunk.nbytes:
+                n = min(len(view), chunk.nbytes - done)
+                self.storage.read_into(self._file(chunk.file), chunk.offset + done, view[:n])
+                crc = zlib.crc32(view[:n], crc)
+                done += n
+            return crc
+
+        workers = min(len(jobs), _VERIFY_THREADS)
+        if workers <= 1:
+            crcs = [crc_of(job) for job in jobs]
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="optimus_ckpt-verify") as ex:
+                crcs = list(ex.map(crc_of, jobs))
+        for (key, chunk), crc in zip(jobs, crcs):
+            if crc != chunk.crc32:
+                raise CheckpointCorruptError(
+                    f"{self.storage.local_path(self._file(chunk.file))}: checksum check failed "
+                    f"for tensor '{key}' (bytes {chunk.offset}-{chunk.offset + chunk.nbytes}): "
+                    f"crc32 {crc:08x}, the manifest says {chunk.crc32:08x}"
+                )
 
     def verify_all(self) -> None:
         """Check every tensor chunk and every small file against the manifest."""
@@ -235,6 +263,11 @@ class TorchFileView(CheckpointView):
                     f"{path}: not a readable torch.save file: {e}"
                 ) from None
             obj = _torch_load_plain(path)
+        except Exception as e:  # a text file, a truncated pickle...: KeyError, EOFError, ...
+            raise CheckpointCorruptError(
+                f"{path}: not a checkpoint: not a readable torch.save file, an optimus_ckpt "
+                f"checkpoint directory or a .safetensors file ({type(e).__name__}: {e})"
+            ) from None
         state = _model_state_from(obj)
         if state is None:
             raise CheckpointCorruptError(
@@ -261,10 +294,7 @@ class TorchFileView(CheckpointView):
 
         src = self._tensors[key]
         with torch.no_grad():
-            if is_dtensor(dest):
-                copy_into_dtensor(src, dest)
-            else:
-                dest.copy_(src)
+            dest.copy_(src)
         self._read += src.numel() * src.element_size()
 
     @property
@@ -282,6 +312,11 @@ def _torch_load_plain(path: str) -> Any:
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path}: refused: loading it would need unrestricted unpickling ({e})"
+        ) from None
+    except Exception as e:
+        raise CheckpointCorruptError(
+            f"{path}: not a checkpoint: not a readable torch.save file, an optimus_ckpt "
+            f"checkpoint directory or a .safetensors file ({type(e).__name__}: {e})"
         ) from None
 
 
@@ -346,9 +381,11 @@ def safetensors_view(path: str) -> FileView:
         state={"model": {"extra_state": {}}},
         files={name: {"size": size, "crc32": None}},
     )
-    return FileView(
+    view = FileView(
         LocalStorage(os.path.dirname(os.path.abspath(path))), "", manifest, kind="safetensors"
     )
+    view.path = os.path.abspath(path)  # the file, not its directory (reports, error messages)
+    return view
 
 
 def native_view(checkpoint_dir: str) -> FileView:
@@ -392,7 +429,18 @@ def candidates(source: str) -> list[str]:
     if os.path.isdir(source) and not os.path.exists(os.path.join(source, MANIFEST_NAME)):
         found = [p for _, p in reversed(list_checkpoints(source))]
         if found:
-            return found
+            # Step directories newer than the newest complete checkpoint carry their final name,
+            # which only a commit gives, yet no readable manifest: corrupted. Tried first, so
+            # that the load falls back past them with a warning naming them.
+            newest = parse_step(os.path.basename(found[0])) or 0
+            broken = sorted(
+                (step, os.path.join(source, n))
+                for n in os.listdir(source)
+                if (step := parse_step(n)) is not None
+                and step > newest
+                and os.path.isdir(os.path.join(source, n))
+            )
+            return [p for _, p in reversed(broken)] + found
         if (
             parse_step(os.path.basename(os.path.normpath(source))) is not None
             or STAGING_INFIX in source
@@ -402,7 +450,11 @@ def candidates(source: str) -> list[str]:
         partial = [n for n in names if STAGING_INFIX in n or parse_step(n) is not None]
         raise CheckpointNotFoundError(
             f"no complete checkpoint in {source}"
-            + (f" (incomplete: {', '.join(sorted(partial)[:5])})" if partial else " (empty)")
+            + (
+                f" (incomplete: {', '.join(sorted(partial)[:5])})"
+                if partial
+                else (" (empty)" if not names else " (it holds no step_* directories)")
+            )
             + ". Fix: point load_from at a checkpoint or a directory that holds one, or use "
             "load_strategy=scratch to start without one."
         )

@@ -64,8 +64,10 @@ class LocalStorage:
     def _fd(self, rel: str) -> int:
         fd = self._fds.get(rel)
         if fd is None:
-            fd = os.open(self.local_path(rel), os.O_RDONLY)
-            self._fds[rel] = fd
+            with self._lock:  # readers may run in threads (verify): open each file once
+                fd = self._fds.get(rel)
+                if fd is None:
+                    fd = self._fds[rel] = os.open(self.local_path(rel), os.O_RDONLY)
         return fd
 
     def read_bytes(self, rel: str, offset: int = 0, length: int = -1) -> bytes:

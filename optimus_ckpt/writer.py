@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import time
 import uuid
 import warnings
@@ -33,9 +34,8 @@ from typing import Any
 
 from . import __version__
 from .codec import encode
-from .distributed import save_hook
 from .dtypes import dtype_name
-from .errors import CheckpointExistsError
+from .errors import CheckpointExistsError, CheckpointWriteError
 from .layout import LATEST_MARKER, LOCK_NAME, STAGING_INFIX, list_checkpoints, step_dir_name
 from .manifest import Chunk, Manifest, TensorEntry
 from .parts import PER_RANK_ROOTS, canonical_key, get_rng_state
@@ -128,7 +128,11 @@ def build_payload(parts: dict[str, Any], *, with_rng: bool = True) -> SavePayloa
                 }
                 hyper["params"] = [names[i] for i in g["params"]]
                 groups.append(hyper)
-            pay.global_state["optimizer"] = {"param_groups": groups, "state": state}
+            pay.global_state["optimizer"] = {
+                "param_groups": groups,
+                "state": state,
+                "class": f"{type(obj).__module__}.{type(obj).__qualname__}",
+            }
         elif root == "extra":
             pay.global_state[name] = encode(obj.state_dict(), name, sink_for(name))
         elif root in PER_RANK_ROOTS:
@@ -187,9 +191,7 @@ class _Slice(io.RawIOBase):
 def locate_blob_data(f: Any, start: int, length: int) -> tuple[int, int, int | None]:
     """For a torch.save blob at [start, start+length): (file offset of raw data, size, crc32)."""
     with zipfile.ZipFile(_Slice(f, start, length)) as zf:
-        info = next((i for i in zf.infolist() if i.filename.endswith("/data/0")), None)
-        if info is None:  # an empty tensor (a rank's empty shard) has no data record
-            return start, 0, None
+        info = next(i for i in zf.infolist() if i.filename.endswith("/data/0"))
         f.seek(start + info.header_offset)
         header = f.read(30)
         if header[:4] != b"PK\x03\x04":
@@ -237,9 +239,19 @@ def _tensor_entries(staging_abs: str, metadata: Any) -> dict[str, TensorEntry]:
 @contextlib.contextmanager
 def directory_lock(root: str) -> Iterator[None]:
     """Exclusive lock on the checkpoint directory for the whole save (a second writer waits)."""
-    os.makedirs(root, exist_ok=True)
     path = os.path.join(root, LOCK_NAME)
-    with open(path, "a+") as f:
+    try:
+        os.makedirs(root, exist_ok=True)
+        f = open(path, "a+")  # noqa: SIM115
+    except OSError as e:
+        err = CheckpointWriteError(
+            f"Cannot save into {root}: creating the directory or its lock file {LOCK_NAME} "
+            f"failed: {type(e).__name__}: {e}. Nothing was written; earlier checkpoints are "
+            "intact. Fix: check that the directory is writable and its disk is not full."
+        )
+        err.errno = e.errno
+        raise err from e
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -253,30 +265,44 @@ def directory_lock(root: str) -> Iterator[None]:
                 root,
             )
             fcntl.flock(f, fcntl.LOCK_EX)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        f.flush()
+        except OSError as e:  # a filesystem without flock (some NFS/FUSE mounts)
+            log.warning(
+                "optimus_ckpt: cannot lock %s (%s); saving without the lock. Each save still "
+                "writes into its own staging directory, but two runs saving into this "
+                "directory at once would not wait for each other.",
+                path,
+                e,
+            )
+        try:  # who holds the lock, for the other writer's warning (best effort: disk may be full)
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+            f.flush()
+        except OSError:
+            pass
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _dist(process_group: Any = None) -> tuple[int, int, bool]:
-    """(rank, world size, distributed) in ``process_group`` (default: the whole job)."""
-    from .distributed import dist_info
+def _dist() -> tuple[int, int, bool]:
+    try:
+        import torch.distributed as dist
 
-    return dist_info(process_group)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size(), True
+    except ImportError:  # pragma: no cover
+        pass
+    return 0, 1, False
 
 
 def _broadcast(value: Any, pg: Any = None) -> Any:
     import torch.distributed as dist
 
     box = [value]
-    from .distributed import group_src
-
-    dist.broadcast_object_list(box, src=group_src(pg), group=pg)
+    dist.broadcast_object_list(box, src=0, group=pg)
     return box[0]
 
 
@@ -287,6 +313,12 @@ def remove_leftovers(storage: LocalStorage) -> list[str]:
         if STAGING_INFIX in name:
             storage.remove_tree(name)
             removed.append(name)
+        elif name.startswith(f"{LATEST_MARKER}.tmp-"):  # write_atomic's temp file, killed mid-way
+            try:
+                os.unlink(storage.local_path(name))
+                removed.append(name)
+            except OSError:
+                pass
     return removed
 
 
@@ -301,12 +333,14 @@ def write_checkpoint(
     process_group: Any = None,
 ) -> str:
     """Write one checkpoint with the commit protocol; returns its absolute path."""
-    rank, world, distributed = _dist(process_group)
+    rank, world, distributed = _dist()
     final = step_dir_name(step)
     lock = directory_lock(storage.root) if rank == 0 else contextlib.nullcontext()
     with lock:
         staging = ""
         error = None
+        error_kind = "exists"
+        mkdir_error: CheckpointWriteError | None = None
         if rank == 0:
             if storage.exists(final):
                 error = (
@@ -317,34 +351,56 @@ def write_checkpoint(
                 for name in remove_leftovers(storage):
                     log.info("optimus_ckpt: removed leftover of an interrupted save: %s", name)
                 staging = f"{final}{STAGING_INFIX}{uuid.uuid4().hex[:12]}"
-                storage.makedirs(staging)
+                try:
+                    storage.makedirs(staging)
+                except OSError as e:
+                    storage.remove_tree(staging)
+                    staging, error_kind = "", "write"
+                    mkdir_error = _write_error(
+                        storage, step, "", "creating the staging directory", e
+                    )
+                    error = str(mkdir_error)
         if distributed:
-            staging, error = _broadcast((staging, error), process_group)
+            staging, error, error_kind = _broadcast((staging, error, error_kind), process_group)
+        if mkdir_error is not None:
+            raise mkdir_error
         if error:
-            raise CheckpointExistsError(error)
-        save_hook("before_write", rank=rank, step=step, staging=storage.local_path(staging))
-        rank_file = f"rank_{rank:05d}.json"
-        storage.write_atomic(f"{staging}/{rank_file}", json.dumps(payload.rank_state).encode())
-        metadata = None
-        if payload.tensors or distributed:
-            metadata = _dcp_save(
-                storage, staging, payload.tensors, thread_count, distributed, process_group
-            )
-        save_hook("before_commit", rank=rank, step=step, staging=storage.local_path(staging))
-        if distributed:
-            import torch.distributed as dist
-
-            dist.barrier(group=process_group)
+            raise (CheckpointWriteError if error_kind == "write" else CheckpointExistsError)(error)
         path = storage.local_path(final)
+        doing = "writing the per-process state file"
+        before = set(threading.enumerate())
+        try:
+            rank_file = f"rank_{rank:05d}.json"
+            storage.write_atomic(f"{staging}/{rank_file}", json.dumps(payload.rank_state).encode())
+            metadata = None
+            if payload.tensors or distributed:
+                doing = "writing tensor data (torch.distributed.checkpoint)"
+                metadata = _dcp_save(
+                    storage, staging, payload.tensors, thread_count, distributed, process_group
+                )
+            if distributed:
+                import torch.distributed as dist
+
+                doing = "waiting for the other processes to write their data"
+                dist.barrier(group=process_group)
+            if rank == 0:
+                doing = "reading back the written data to build the manifest"
+                manifest = _build_manifest(
+                    storage, staging, step, world, payload, metadata, config_yaml
+                )
+                doing = "writing the manifest optimus.json"
+                storage.write_atomic(f"{staging}/optimus.json", manifest.to_json().encode())
+                doing = "committing (renaming the staging directory)"
+                storage.rename_dir(staging, final)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if rank == 0 and staging:
+                _join_dcp_writer_threads(before)
+                storage.remove_tree(staging)
+            if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit):
+                raise  # cleaned up, passed on as they are
+            raise _write_error(storage, step, staging, doing, e) from e
         if rank == 0:
-            manifest = _build_manifest(
-                storage, staging, step, world, payload, metadata, config_yaml
-            )
-            storage.write_atomic(f"{staging}/optimus.json", manifest.to_json().encode())
-            storage.rename_dir(staging, final)
-            storage.write_atomic(LATEST_MARKER, (final + "\n").encode())
-            if keep_last is not None:
-                _apply_keep_last(storage, keep_last)
+            _after_commit(storage, final, keep_last)
         if distributed:
             import torch.distributed as dist
 
@@ -359,6 +415,34 @@ def _dcp_save(storage: LocalStorage, staging: str, tensors: dict[str, Any], thre
 
     class _Writer(FileSystemWriter):
         metadata: Any = None
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            # DCP's extra writer threads die silently on an error (it reaches only
+            # threading.excepthook), and the save would go on without their files: catch it.
+            errors: list[BaseException] = []
+            prev = threading.excepthook
+
+            def hook(args: Any) -> None:
+                if args.thread is not None and "_write_files" in args.thread.name:
+                    errors.append(args.exc_value)
+                else:
+                    prev(args)
+
+            threading.excepthook = hook
+            try:
+                fut = super().write_data(plan, planner)
+            finally:
+                if threading.excepthook is hook:
+                    threading.excepthook = prev
+            written = len(fut.value())
+            if errors or written < len(plan.items):
+                if errors:
+                    raise errors[0]
+                raise OSError(
+                    f"torch.distributed.checkpoint wrote {written} of {len(plan.items)} items "
+                    "(a writer thread failed)"
+                )
+            return fut
 
         def finish(self, metadata: Any, results: Any) -> None:
             super().finish(metadata, results)
@@ -414,6 +498,88 @@ def _build_manifest(storage: LocalStorage, staging: str, step: int, world: int, 
         torch_version=str(torch.__version__),
         created_unix=time.time(),
     )
+
+
+def _join_dcp_writer_threads(before: set[Any], timeout: float = 120.0) -> None:
+    """After a failed save, wait for DCP's writer threads started by it: when one of them fails,
+    DCP raises without joining the others, which would go on writing into the staging directory
+    while it is being removed."""
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t not in before and t is not threading.current_thread() and "_write_files" in t.name:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The OSError behind ``err`` when there is one (DCP wraps failures in CheckpointException)."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        for v in (getattr(e, "failures", None) or {}).values():  # CheckpointException
+            todo += [x for x in (v if isinstance(v, list | tuple) else [v])
+                     if isinstance(x, BaseException)]  # fmt: skip
+    return err
+
+
+def _write_error(storage: LocalStorage, step: int, staging: str, doing: str,
+                 err: BaseException) -> CheckpointWriteError:  # fmt: skip
+    """A clear error for a failed save: what failed, and that nothing earlier was touched."""
+    cause = _root_cause(err)
+    what = f"{type(cause).__name__}: {cause}"
+    if cause is not err and isinstance(cause, OSError):
+        what += f" (reported as {type(err).__name__})"
+    elif "unexpected pos" in str(err):  # torch.save's zip writer: a write came up short
+        what += " (a write came up short: the disk is probably full)"
+    try:
+        st = os.statvfs(storage.root)
+        free = f"; {st.f_bavail * st.f_frsize / 2**20:.1f} MiB free on that filesystem now"
+    except OSError:
+        free = ""
+    done = list_checkpoints(storage.root)
+    kept = (
+        f"Earlier checkpoints are intact (newest: {os.path.basename(done[-1][1])})"
+        if done
+        else "There is no earlier checkpoint in that directory"
+    )
+    cleaned = (
+        f"the unfinished save {staging} was removed"
+        if staging and not storage.exists(staging)
+        else (f"the unfinished save {staging} is ignored and removed by the next save"
+              if staging else "nothing was left behind")
+    )  # fmt: skip
+    out = CheckpointWriteError(
+        f"Saving step {step} into {storage.root} failed while {doing}: {what}{free}. "
+        f"Nothing was committed: {cleaned}. {kept}. Fix: free disk space or fix the I/O problem, "
+        "then save again."
+    )
+    errno_ = getattr(cause, "errno", None)
+    if errno_ is not None:
+        out.errno = errno_
+    return out
+
+
+def _after_commit(storage: LocalStorage, final: str, keep_last: int | None) -> None:
+    """Move the ``latest`` marker and apply ``keep_last``. The checkpoint is already committed,
+    so a failure here is a warning, not a failed save."""
+    try:
+        storage.write_atomic(LATEST_MARKER, (final + "\n").encode())
+        if keep_last is not None:
+            _apply_keep_last(storage, keep_last)
+    except OSError as e:
+        log.warning(
+            "optimus_ckpt: %s was saved and committed, but updating the 'latest' marker or "
+            "deleting old checkpoints (keep_last) failed: %s. Listings and latest() are not "
+            "affected (they scan the directory); the next save retries.",
+            storage.local_path(final),
+            e,
+        )
 
 
 def _apply_keep_last(storage: LocalStorage, keep_last: int) -> None:
