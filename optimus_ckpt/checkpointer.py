@@ -14,15 +14,20 @@ import copy
 import fnmatch
 import logging
 import os
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .codec import decode
-from .errors import CheckpointCorruptError, CheckpointNotFoundError, LoadMismatchError
-from .layout import latest_checkpoint, list_checkpoints
+from .distributed import RESHARD_HOOK, is_dtensor, local_nbytes, new_tensor_like
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    LoadMismatchError,
+)
+from .layout import latest_checkpoint, list_checkpoints, step_dir_name
 from .parts import PER_RANK_ROOTS, canonical_key, collect_parts, set_rng_state
 from .report import ComponentReport, LoadReport, Outcome
 from .sources import CheckpointView, FileView, candidates, open_checkpoint
@@ -100,6 +105,10 @@ class _Plan:
         default_factory=list
     )  # (live index, checkpoint fqn)
     tensor_keys: list[str] = field(default_factory=list)  # every stored tensor the load reads
+    # Per-rank components restored through their reshard hook (the world size changed).
+    reshard: list[str] = field(default_factory=list)
+    # Bytes this rank reads of a tensor, where less than the whole (its shard of a DTensor).
+    read_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class Checkpointer:
@@ -126,7 +135,12 @@ class Checkpointer:
         verify: bool = False,
         thread_count: int = 2,
         process_group: Any = None,
+        async_save: bool = False,
     ) -> None:
+        """``process_group``: the ranks that save and load together (default: the whole job
+        when ``torch.distributed`` is initialized). ``async_save``: make :meth:`save` return as
+        soon as the state is copied, and write the checkpoint in the background (see
+        :meth:`save`); ``save(..., blocking=...)`` overrides it per call."""
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
         self.directory = os.path.abspath(os.fspath(directory))
@@ -135,8 +149,12 @@ class Checkpointer:
         self.verify = verify
         self.thread_count = thread_count
         self.process_group = process_group
-        self._pending: threading.Thread | None = None
+        self.async_save = async_save
+        self._pending: Any = None  # the BackgroundSave of an async save in flight
         self._pending_error: BaseException | None = None
+        self._snapshotter: Any = None  # reusable snapshot buffers of async saves
+        self._background_group: Any = None  # gloo group for async saves' collectives
+        self._agreement: str | None = None  # distributed load: "pending" until ranks agree
 
     # ------------------------------------------------------------------ listing
     def latest(self) -> str | None:
@@ -162,9 +180,18 @@ class Checkpointer:
         metrics: Any = None,
         extra: Mapping[str, Any] | None = None,
         config: Any = None,
+        blocking: bool | None = None,
     ) -> str:
         """Save one checkpoint for ``step`` and return its path. See the module docs for the
-        commit protocol: the checkpoint is either complete or invisible."""
+        commit protocol: the checkpoint is either complete or invisible.
+
+        ``blocking=False`` (default: ``not async_save``): copy the state's tensors into snapshot
+        buffers, return, and write the checkpoint in a background thread while training goes
+        on. The returned path exists once the save commits; :meth:`wait` waits for it, and the
+        next ``save``, ``load``, ``plan``, ``latest`` and ``checkpoints`` wait first. An error
+        of a background save is raised by the call that waits for it. Under
+        ``torch.distributed`` every rank must call ``save`` (as for a blocking save) and
+        :meth:`wait` before destroying the process group."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self.wait()
@@ -174,6 +201,8 @@ class Checkpointer:
         )  # fmt: skip
         payload = build_payload(parts)
         storage = LocalStorage(self.directory, fsync=self.fsync)
+        if self.async_save if blocking is None else not blocking:
+            return self._save_in_background(storage, step, payload, _config_yaml(config))
         path = write_checkpoint(
             storage, step, payload, config_yaml=_config_yaml(config), keep_last=self.keep_last,
             thread_count=self.thread_count, process_group=self.process_group,
@@ -181,11 +210,49 @@ class Checkpointer:
         log.info("optimus_ckpt: saved step %d to %s", step, path)
         return path
 
+    def _save_in_background(
+        self, storage: LocalStorage, step: int, payload: Any, config_yaml: str | None
+    ) -> str:
+        """Snapshot the payload's tensors, then write the checkpoint in a thread."""
+        from .distributed import BackgroundSave, Snapshotter, background_group
+
+        final = storage.local_path(step_dir_name(step))
+        _rank, _world, distributed = _dist(self.process_group)
+        if not distributed and os.path.exists(final):  # the writer's check, raised now
+            raise CheckpointExistsError(
+                f"A checkpoint for step {step} already exists at {final}. "
+                "Fix: save under a new step, or delete that directory first."
+            )
+        if self._snapshotter is None:
+            self._snapshotter = Snapshotter()
+        payload.tensors = self._snapshotter.take(payload.tensors)
+        group = self.process_group
+        if distributed:  # its own gloo group: never interleaves with the training's collectives
+            if self._background_group is None:
+                self._background_group = background_group(self.process_group)
+            group = self._background_group
+
+        def write() -> str:
+            path = write_checkpoint(
+                storage, step, payload, config_yaml=config_yaml, keep_last=self.keep_last,
+                thread_count=self.thread_count, process_group=group,
+            )  # fmt: skip
+            log.info("optimus_ckpt: saved step %d to %s (in the background)", step, path)
+            return path
+
+        self._pending = BackgroundSave(write, name=f"optimus_ckpt-save-{step}")
+        return final
+
+    @property
+    def pending(self) -> bool:
+        """True while a background save (``blocking=False``) has not been waited for."""
+        return self._pending is not None
+
     def wait(self) -> None:
         """Wait for a pending asynchronous save (if any) and re-raise its error."""
-        if self._pending is not None:
-            self._pending.join()
-            self._pending = None
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.join()  # re-raises the background save's error
         if self._pending_error is not None:
             err, self._pending_error = self._pending_error, None
             raise err
@@ -194,7 +261,7 @@ class Checkpointer:
     def plan(self, source: Any = None, strategy: Any = "resume", **objects: Any) -> LoadReport:
         """Dry run of :meth:`load` with the same arguments: reads only metadata, changes nothing,
         and returns the report that ``load`` would produce (or raises the error it would raise)."""
-        return self._run(source, strategy, objects, execute=False)
+        return self._run_together(source, strategy, objects, execute=False)
 
     def load(
         self,
@@ -223,7 +290,39 @@ class Checkpointer:
             model=model, optimizer=optimizer, scheduler=scheduler, data_sources=data_sources,
             dataloaders=dataloaders, metrics=metrics, extra=extra, config=config, verify=verify,
         )  # fmt: skip
-        return self._run(source, strategy, objects, execute=True)
+        return self._run_together(source, strategy, objects, execute=True)
+
+    def _run_together(
+        self, source: Any, strategy: Any, objects: dict[str, Any], execute: bool
+    ) -> LoadReport:
+        """:meth:`_run`; under torch.distributed, the ranks agree on the plan (or learn of one
+        rank's error) before any rank touches its objects: a load fails everywhere or nowhere."""
+        if not _dist(self.process_group)[2]:
+            return self._run(source, strategy, objects, execute)
+        self._agreement = "pending"
+        try:
+            return self._run(source, strategy, objects, execute)
+        except BaseException as e:
+            if self._agreement == "pending":  # failed before agreeing: tell the other ranks
+                self._agreement = "done"
+                from .distributed import agree
+
+                agree(self.process_group, None, e)
+            raise
+        finally:
+            self._agreement = None
+
+    def _agree_on(self, view: CheckpointView) -> None:
+        if self._agreement != "pending":
+            return
+        self._agreement = "done"
+        from .distributed import agree
+
+        try:
+            agree(self.process_group, f"{os.path.basename(view.path)} (step {view.step})", None)
+        except BaseException:
+            view.close()
+            raise
 
     def _run(
         self, source: Any, strategy: Any, objects: dict[str, Any], execute: bool
@@ -266,7 +365,7 @@ class Checkpointer:
                     plan.report.verified = True
                 if any(n.split(".", 1)[0] in PER_RANK_ROOTS for n in plan.load):
                     # checksummed small file: read now, so that a bad one falls back too
-                    view.rank_state(_dist()[0])
+                    view.rank_state(_dist(self.process_group)[0])
             except CheckpointCorruptError as e:
                 view.close()
                 if i + 1 == len(tried):
@@ -277,6 +376,7 @@ class Checkpointer:
                 view.close()
                 raise
             break
+        self._agree_on(view)
         report = plan.report
         for msg in skipped:
             report.skipped_checkpoints.append(msg.split(": ", 1)[0])
@@ -308,7 +408,7 @@ class Checkpointer:
     def _plan(
         self, view: CheckpointView, s: LoadStrategy, parts: dict[str, Any], config: Any
     ) -> _Plan:
-        _rank, world, _ = _dist()
+        _rank, world, _ = _dist(self.process_group)
         ignore = IgnoreRules(s.extra_ignore_keys)
         report = LoadReport(
             source=view.path, step=view.step, iteration=view.step if s.load_iteration else 0,
@@ -348,6 +448,14 @@ class Checkpointer:
                         errors.append(msg)
                     else:
                         report.warnings.append(msg)
+            elif (
+                root in PER_RANK_ROOTS
+                and view.world_size != world
+                and callable(getattr(parts.get(name), RESHARD_HOOK, None))
+            ):
+                outcome = Outcome.LOADED
+                why = f"resharded from {view.world_size} to {world} process(es) ({RESHARD_HOOK})"
+                plan.reshard.append(name)
             elif root in PER_RANK_ROOTS and view.world_size != world:
                 outcome, why = Outcome.SKIPPED_BY_STRATEGY, ""
                 msg = (
@@ -358,7 +466,12 @@ class Checkpointer:
                     why = "world size changed"
                     report.warnings.append(msg + " RNG states were left as they are.")
                 else:
-                    errors.append(msg + f" Fix: skip it with {_how_to_skip(name)}")
+                    errors.append(
+                        msg + f" Fix: skip it with {_how_to_skip(name)}, or give "
+                        f"{type(parts[name]).__name__} a {RESHARD_HOOK}(states, *, rank, "
+                        "world_size) method that splits or merges the saved states (see "
+                        "optimus_ckpt.distributed)."
+                    )
             else:
                 outcome, why = Outcome.LOADED, ""
             comp = ComponentReport(outcome, why)
@@ -382,7 +495,9 @@ class Checkpointer:
         report.unmatched_ignore_patterns = ignore.unmatched()
         for p in report.unmatched_ignore_patterns:
             report.warnings.append(f"ignore pattern '{p}' matched nothing (a typo?)")
-        report.bytes_read = sum(view.tensors[k].nbytes for k in plan.tensor_keys)
+        report.bytes_read = sum(
+            plan.read_bytes.get(k, view.tensors[k].nbytes) for k in plan.tensor_keys
+        )
         report.config_diff = _config_diff(view.config_yaml, config)
         if errors:
             head = errors[:8] + ([f"... and {len(errors) - 8} more"] if len(errors) > 8 else [])
@@ -417,6 +532,8 @@ class Checkpointer:
             else:
                 plan.model_pairs.append((sk, lk))
                 plan.tensor_keys.append(f"model.{sk}")
+                if is_dtensor(live[lk]):  # a shard (FSDP2): this rank reads only its part
+                    plan.read_bytes[f"model.{sk}"] = local_nbytes(saved[sk].nbytes, live[lk])
                 live_dtype = str(live[lk].dtype).removeprefix("torch.")
                 if live_dtype != saved[sk].dtype:
                     report.dtype_conversions.append((lk, saved[sk].dtype, live_dtype))
@@ -427,7 +544,9 @@ class Checkpointer:
         report.renamed_prefixes = sorted(renames)
         comp = report.components["model"]
         comp.tensors = len(plan.model_pairs)
-        comp.bytes = sum(saved[sk].nbytes for sk, _ in plan.model_pairs)
+        comp.bytes = sum(
+            plan.read_bytes.get(f"model.{sk}", saved[sk].nbytes) for sk, _ in plan.model_pairs
+        )
         problems = bool(report.missing_keys or report.unexpected_keys or report.shape_mismatches)
         if problems and not s.strict:
             comp.reason = "non-strict: mismatched keys kept their current values"
@@ -522,8 +641,10 @@ class Checkpointer:
                         f"in the checkpoint; the parameter has shape {list(shape)}. {fix}"
                     )
                 plan.tensor_keys.append(ref)
+                if is_dtensor(params[i]) and meta.shape == shape:  # sharded like its parameter
+                    plan.read_bytes[ref] = local_nbytes(meta.nbytes, params[i])
                 comp.tensors += 1
-                comp.bytes += meta.nbytes
+                comp.bytes += plan.read_bytes.get(ref, meta.nbytes)
             plan.optimizer_map.append((i, fqn))
         return errors
 
@@ -532,7 +653,7 @@ class Checkpointer:
         import torch
 
         view = plan.view
-        rank, _, _ = _dist()
+        rank, world, _ = _dist(self.process_group)
 
         def read_new(ref: str) -> Any:
             meta = view.tensors[ref]
@@ -543,16 +664,27 @@ class Checkpointer:
         # Phase 2: fetch into new objects only.
         needs_rank = any(n.split(".", 1)[0] in PER_RANK_ROOTS for n in plan.load)
         rank_state = view.rank_state(rank) if needs_rank else {}
+        saved_ranks = [view.rank_state(r) for r in range(view.world_size)] if plan.reshard else []
         before = view.bytes_read
         fetched: dict[str, Any] = {}
         for name in plan.load:
-            if name in ("model", "optimizer"):
+            if name in ("model", "optimizer") or name in plan.reshard:
                 continue
             per_rank = name.split(".", 1)[0] in PER_RANK_ROOTS
             enc = rank_state.get(name) if per_rank else view.global_state(name)
             if enc is None:
                 raise CheckpointCorruptError(f"{view.path}: the state of '{name}' is missing")
             fetched[name] = decode(enc, read_new)
+        for name in plan.reshard:  # the world size changed: the object's hook splits/merges
+            states = []
+            for r, saved in enumerate(saved_ranks):
+                if name not in saved:
+                    raise CheckpointCorruptError(
+                        f"{view.path}: the state of '{name}' of rank {r} is missing"
+                    )
+                states.append(decode(saved[name], read_new))
+            hook = getattr(parts[name], RESHARD_HOOK)
+            fetched[name] = hook(states, rank=rank, world_size=world)
         optimizer_sd = None
         if "optimizer" in plan.load:
             optimizer_sd = self._fetch_optimizer(plan, parts["optimizer"], read_new)
@@ -594,7 +726,16 @@ class Checkpointer:
     def _fetch_optimizer(self, plan: _Plan, optimizer: Any, read_new: Any) -> dict[str, Any]:
         saved = plan.view.global_state("optimizer")
         state_by_name = {canonical_key(k): v for k, v in saved["state"].items()}
-        state = {i: decode(state_by_name[fqn], read_new) for i, fqn in plan.optimizer_map}
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+
+        def reader(i: int) -> Any:
+            def read(ref: str) -> Any:  # state sharded like its parameter (FSDP2), or whole
+                t = new_tensor_like(plan.view, ref, params[i])
+                return read_new(ref) if t is None else t
+
+            return read
+
+        state = {i: decode(state_by_name[fqn], reader(i)) for i, fqn in plan.optimizer_map}
         groups, index = [], 0
         for lg, sg in zip(optimizer.param_groups, saved["param_groups"]):
             hyper = {k: decode(v) for k, v in sg.items() if k != "params"}

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .distributed import copy_into_dtensor, is_dtensor, read_dtensor_into
 from .dtypes import dtype_from_name
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
 from .layout import MANIFEST_NAME, STAGING_INFIX, list_checkpoints, parse_step
@@ -150,6 +151,9 @@ class FileView(CheckpointView):
     def read_into(self, key: str, dest: Any) -> None:
         import torch
 
+        if is_dtensor(dest):  # a sharded destination (FSDP2): read only this rank's box
+            read_dtensor_into(self, key, dest)
+            return
         entry = self.manifest.tensors[key]
         dtype = dtype_from_name(entry.dtype)
         if tuple(dest.shape) != entry.shape:
@@ -294,7 +298,10 @@ class TorchFileView(CheckpointView):
 
         src = self._tensors[key]
         with torch.no_grad():
-            dest.copy_(src)
+            if is_dtensor(dest):
+                copy_into_dtensor(src, dest)
+            else:
+                dest.copy_(src)
         self._read += src.numel() * src.element_size()
 
     @property

@@ -34,6 +34,7 @@ from typing import Any
 
 from . import __version__
 from .codec import encode
+from .distributed import save_hook
 from .dtypes import dtype_name
 from .errors import CheckpointExistsError, CheckpointWriteError
 from .layout import LATEST_MARKER, LOCK_NAME, STAGING_INFIX, list_checkpoints, step_dir_name
@@ -191,7 +192,9 @@ class _Slice(io.RawIOBase):
 def locate_blob_data(f: Any, start: int, length: int) -> tuple[int, int, int | None]:
     """For a torch.save blob at [start, start+length): (file offset of raw data, size, crc32)."""
     with zipfile.ZipFile(_Slice(f, start, length)) as zf:
-        info = next(i for i in zf.infolist() if i.filename.endswith("/data/0"))
+        info = next((i for i in zf.infolist() if i.filename.endswith("/data/0")), None)
+        if info is None:  # an empty tensor (a rank's empty shard) has no data record
+            return start, 0, None
         f.seek(start + info.header_offset)
         header = f.read(30)
         if header[:4] != b"PK\x03\x04":
@@ -287,22 +290,20 @@ def directory_lock(root: str) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _dist() -> tuple[int, int, bool]:
-    try:
-        import torch.distributed as dist
+def _dist(process_group: Any = None) -> tuple[int, int, bool]:
+    """(rank, world size, distributed) in ``process_group`` (default: the whole job)."""
+    from .distributed import dist_info
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size(), True
-    except ImportError:  # pragma: no cover
-        pass
-    return 0, 1, False
+    return dist_info(process_group)
 
 
 def _broadcast(value: Any, pg: Any = None) -> Any:
     import torch.distributed as dist
 
     box = [value]
-    dist.broadcast_object_list(box, src=0, group=pg)
+    from .distributed import group_src
+
+    dist.broadcast_object_list(box, src=group_src(pg), group=pg)
     return box[0]
 
 
@@ -333,7 +334,7 @@ def write_checkpoint(
     process_group: Any = None,
 ) -> str:
     """Write one checkpoint with the commit protocol; returns its absolute path."""
-    rank, world, distributed = _dist()
+    rank, world, distributed = _dist(process_group)
     final = step_dir_name(step)
     lock = directory_lock(storage.root) if rank == 0 else contextlib.nullcontext()
     with lock:
@@ -370,6 +371,7 @@ def write_checkpoint(
         doing = "writing the per-process state file"
         before = set(threading.enumerate())
         try:
+            save_hook("before_write", rank=rank, step=step, staging=storage.local_path(staging))
             rank_file = f"rank_{rank:05d}.json"
             storage.write_atomic(f"{staging}/{rank_file}", json.dumps(payload.rank_state).encode())
             metadata = None
@@ -378,6 +380,7 @@ def write_checkpoint(
                 metadata = _dcp_save(
                     storage, staging, payload.tensors, thread_count, distributed, process_group
                 )
+            save_hook("before_commit", rank=rank, step=step, staging=storage.local_path(staging))
             if distributed:
                 import torch.distributed as dist
 
