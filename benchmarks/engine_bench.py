@@ -82,9 +82,10 @@ def child(kind: str, work: str, width: int, layers: int) -> dict:
     torch.set_num_threads(2)
     if kind == "import":
         t0 = time.perf_counter()
-        import optimus_ckpt  # noqa: F401
-        from optimus_ckpt import Checkpointer
+        from optimus_ckpt import Checkpointer, resolve_strategy
 
+        assert Checkpointer is not None
+        resolve_strategy("eval")  # first use reads the preset YAML
         return {"seconds": time.perf_counter() - t0}
     model = build(width, layers)
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -97,6 +98,9 @@ def child(kind: str, work: str, width: int, layers: int) -> dict:
     import torch.distributed.checkpoint.state_dict
 
     from optimus_ckpt.checkpointer import Checkpointer
+    from optimus_ckpt.strategy import resolve_strategy
+
+    resolve_strategy("eval")  # one-time costs (imports, preset YAML) are in the "import" figure
 
     base_rss = rss_kib()
     reset_peak()
@@ -271,7 +275,8 @@ def main() -> None:
             f"  throughput vs torch.save: {r['save_plain']['seconds'] / r['save_ours']['seconds']:.2f}x (goal >= 0.8x)"
         )
         print(
-            f"import optimus_ckpt after torch: +{r['import']['seconds'] * 1000:.0f} ms (goal <= 100 ms)"
+            f"import optimus_ckpt + first preset lookup, after torch: "
+            f"+{r['import']['seconds'] * 1000:.0f} ms (goal <= 100 ms)"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -667,14 +667,15 @@ class Checkpointer:
         saved_ranks = [view.rank_state(r) for r in range(view.world_size)] if plan.reshard else []
         before = view.bytes_read
         fetched: dict[str, Any] = {}
-        for name in plan.load:
-            if name in ("model", "optimizer") or name in plan.reshard:
-                continue
-            per_rank = name.split(".", 1)[0] in PER_RANK_ROOTS
-            enc = rank_state.get(name) if per_rank else view.global_state(name)
-            if enc is None:
-                raise CheckpointCorruptError(f"{view.path}: the state of '{name}' is missing")
-            fetched[name] = decode(enc, read_new)
+        with view.batch():  # tensors are filled at the end of the block (in parallel)
+            for name in plan.load:
+                if name in ("model", "optimizer") or name in plan.reshard:
+                    continue
+                per_rank = name.split(".", 1)[0] in PER_RANK_ROOTS
+                enc = rank_state.get(name) if per_rank else view.global_state(name)
+                if enc is None:
+                    raise CheckpointCorruptError(f"{view.path}: the state of '{name}' is missing")
+                fetched[name] = decode(enc, read_new)
         for name in plan.reshard:  # the world size changed: the object's hook splits/merges
             states = []
             for r, saved in enumerate(saved_ranks):
@@ -687,7 +688,8 @@ class Checkpointer:
             fetched[name] = hook(states, rank=rank, world_size=world)
         optimizer_sd = None
         if "optimizer" in plan.load:
-            optimizer_sd = self._fetch_optimizer(plan, parts["optimizer"], read_new)
+            with view.batch():
+                optimizer_sd = self._fetch_optimizer(plan, parts["optimizer"], read_new)
         tensor_bytes = view.bytes_read - before
 
         # Phase 3: apply, rolling back small state if any load_state_dict raises.
@@ -717,7 +719,8 @@ class Checkpointer:
             raise
         if "model" in plan.load:
             start = view.bytes_read
-            self._apply_model(plan, parts["model"])
+            with view.batch():
+                self._apply_model(plan, parts["model"])
             tensor_bytes += view.bytes_read - start
         if "rng" in fetched:
             set_rng_state(fetched["rng"])

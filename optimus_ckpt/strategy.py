@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -279,11 +280,10 @@ def resolve_strategy(strategy: Any) -> LoadStrategy:
                 f"Available presets: {', '.join(sorted(presets))}."
             )
         return LoadStrategy(**presets[strategy].to_dict())
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(strategy, DictConfig):
+    omegaconf = sys.modules.get("omegaconf")  # a DictConfig exists only once omegaconf is imported
+    if omegaconf is not None and isinstance(strategy, omegaconf.DictConfig):
         # A composed node (never ran __post_init__): to plain data, interpolations resolved.
-        strategy = OmegaConf.to_container(strategy, resolve=True)
+        strategy = omegaconf.OmegaConf.to_container(strategy, resolve=True)
     if isinstance(strategy, Mapping):
         data = {str(k): v for k, v in strategy.items()}
         target = data.pop("_target_", None)
@@ -321,15 +321,18 @@ _PRESET_DEFAULTS = ["/optimus_ckpt/schema/load_strategy@_here_", "_self_"]
 
 
 def _load_presets() -> dict[str, LoadStrategy]:
-    from omegaconf import OmegaConf
+    import yaml  # PyYAML (omegaconf's own dependency): plain safe parsing, cheaper than OmegaConf
 
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     folder = os.path.join(conf_dir(), "load_strategy")
     presets: dict[str, LoadStrategy] = {}
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".yaml"):
             continue
-        raw = OmegaConf.to_container(OmegaConf.load(os.path.join(folder, name)), resolve=True)
-        assert isinstance(raw, dict)
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            raw = yaml.load(f, Loader=loader) or {}
+        if not isinstance(raw, dict) or any("${" in str(v) for v in raw.values()):
+            raise ValueError(f"{folder}/{name}: a shipped preset must be a plain mapping")
         # Each shipped preset is the schema plus its own values. Reading it without Hydra is only
         # right while that holds, so refuse anything else rather than silently disagree with the
         # config Hydra composes (a test compares the two for every preset).
