@@ -366,18 +366,7 @@ def main(cfg: DictConfig) -> None:
     out_dir = HydraConfig.get().runtime.output_dir
     mode = resolve_mode(cfg)
     strategy = optimus_ckpt.resolve_strategy(cfg.load_strategy)
-    loads_anything = any(
-        getattr(strategy, f)
-        for f in (
-            "load_model",
-            "load_optimizer",
-            "load_scheduler",
-            "load_data_sources",
-            "load_dataloaders",
-            "load_metrics",
-            "load_iteration",
-        )
-    )
+    loads_anything = strategy.loads_anything
     load_from = cfg.checkpoint.load_from
     load_from = os.path.abspath(str(load_from)) if load_from not in (None, "") else None
     choice = HydraConfig.get().runtime.choices.get("load_strategy")

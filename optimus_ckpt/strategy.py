@@ -148,6 +148,15 @@ class LoadStrategy:
         flag = _COMPONENT_FLAGS.get(root)
         return True if flag is None else bool(getattr(self, flag))
 
+    @property
+    def loads_anything(self) -> bool:
+        """False for a strategy that loads nothing (``scratch``): there is nothing to load from.
+
+        >>> LoadStrategy().loads_anything, resolve_strategy("scratch").loads_anything
+        (True, False)
+        """
+        return any(getattr(self, n) for n in _COMPONENT_FLAGS.values())
+
 
 @dataclass
 class LoadStrategyConfig(LoadStrategy):
@@ -241,7 +250,7 @@ def validate_strategy(s: LoadStrategy) -> None:
             "its data source's. Fix: set load_strategy.load_dataloaders=false, or "
             "load_strategy.load_data_sources=true."
         )
-    if not any(getattr(s, n) for n in _COMPONENT_FLAGS.values()) and keys:
+    if keys and not s.loads_anything:
         warnings.warn(
             "LoadStrategy loads nothing, so extra_ignore_keys has no effect.",
             UserWarning,
