@@ -140,8 +140,9 @@ def test_wheel_contents(built: dict[str, Path]) -> None:
     assert "hydra_plugins/__init__.py" not in names  # a namespace package: never ship this
     for dep in ("torch", "hydra-core", "omegaconf"):
         assert re.search(rf"^Requires-Dist: {dep}\b", metadata, flags=re.M), dep
-    assert "[hydra.plugins]\noptimus_ckpt = hydra_plugins.optimus_ckpt.optimus_ckpt_plugin" in (
-        entry_points
+    assert (
+        "[hydra.plugins]\noptimus_ckpt = hydra_plugins.optimus_ckpt.optimus_ckpt_plugin:OptimusCkptSearchPathPlugin"
+        in (entry_points)
     )
 
 
@@ -214,3 +215,26 @@ def test_editable_install_reads_the_live_source(
         assert "'live'" not in wheel_presets
     finally:
         live.unlink()
+
+
+def test_hydra_1_4_finds_the_plugin(built: dict[str, Path], tmp_path: Path) -> None:
+    """Hydra 1.4 (entry points as well as the namespace scan) with omegaconf 2.4: the presets,
+    the schema and the resolver work, with no deprecation warning of ours at start-up."""
+    venv = tmp_path / "venv-hydra14"
+    sh(sys.executable, "-m", "venv", venv)
+    python = str(venv / "bin" / "python")
+    sh(python, *PIP, "--pre", "hydra-core==1.4.0rc3")  # pulls the matching omegaconf 2.4
+    sh(python, *PIP, "--no-deps", built["wheel"])  # no torch needed to compose configs
+    versions = sh(
+        python, "-c", "import hydra, omegaconf; print(hydra.__version__, omegaconf.__version__)"
+    )
+    assert versions.startswith("1.4."), versions
+    app = write_app(tmp_path / "app")
+    proc = ok(run_app(app, "load_strategy=finetune", python=python, build="none"))
+    node = dict(seen(app)["node"])
+    assert node.pop("_target_") == "optimus_ckpt.LoadStrategy"
+    assert node == EXPECTED_PRESETS["finetune"]
+    assert "optimus_ckpt" not in proc.stderr  # no warning of ours
+    ok(run_app(app, "-m", "load_strategy=eval,scratch", python=python))
+    for job, preset in (("0", "eval"), ("1", "scratch")):
+        assert seen(app, job)["strategy"] == EXPECTED_PRESETS[preset]
