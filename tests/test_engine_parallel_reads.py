@@ -18,7 +18,7 @@ from optimus_ckpt import Checkpointer
 def tiny_pieces(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
     monkeypatch.setattr(sources, "_PARALLEL_FROM", 0)
     monkeypatch.setattr(sources, "_READ_THREADS", 3)
-    monkeypatch.setattr(sources, "_READ_PIECE", 1000)  # not a multiple of any element size
+    monkeypatch.setattr(sources, "_READ_PIECE", 52)  # not a multiple of 8 bytes
     calls: list[tuple[str, int, int]] = []
     original = sources.LocalStorage.read_into
 
@@ -39,9 +39,10 @@ def test_parallel_piecewise_resume_is_bit_exact(tmp_path: Path, tiny_pieces: lis
     got = snapshot(fresh)
     for name in ("model", "optimizer", "extra.ema"):
         assert_same(got[name], expected[name], name)
-    # The reads really were split into pieces of at most 1000 bytes, and each byte was read once.
+    # The reads really were split into pieces of at most 52 bytes, and each byte was read once.
     data = [(rel, off, n) for rel, off, n in tiny_pieces if rel.endswith(".distcp")]
-    assert data and max(n for _, _, n in data) <= 1000
+    assert data and max(n for _, _, n in data) <= 52
+    assert len(data) > sum(c.tensors for c in report.components.values())  # tensors were split
     assert len({(rel, off) for rel, off, _ in data}) == len(data)
     assert sum(n for _, _, n in data) == report.bytes_read
 
