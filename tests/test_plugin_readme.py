@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
-from plugin_support import ERRORS, EXPECTED_PRESETS
+from plugin_support import ERRORS, EXPECTED_PRESETS, FLAGS
 
 from optimus_ckpt import PRESETS, LoadStrategy, register_configs
 
@@ -45,16 +45,7 @@ def fenced(text: str, lang: str) -> list[str]:
 def test_preset_table_matches_the_yaml() -> None:
     text = section("Presets")
     rows = table_rows(text, "preset")
-    columns = [
-        "load_model",
-        "load_optimizer",
-        "load_scheduler",
-        "load_data_sources",
-        "load_dataloaders",
-        "load_metrics",
-        "load_iteration",
-        "strict",
-    ]
+    columns = list(FLAGS)
     header_line = next(line for line in text.splitlines() if line.startswith("| preset |"))
     assert [c.strip() for c in header_line.split("|")[2:-1]] == [
         c.replace("load_", "") for c in columns

@@ -10,19 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
+from plugin_support import FLAGS
 
 from optimus_ckpt import LoadStrategy, LoadStrategyConfig, StrategyError, resolve_strategy
 
-FLAGS = (
-    "load_model",
-    "load_optimizer",
-    "load_scheduler",
-    "load_data_sources",
-    "load_dataloaders",
-    "load_metrics",
-    "load_iteration",
-    "strict",
-)
 # The two rules: (the field that needs, the field it needs).
 RULES = (("load_optimizer", "load_model"), ("load_dataloaders", "load_data_sources"))
 
